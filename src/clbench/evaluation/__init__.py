@@ -1,0 +1,1 @@
+"""Generation, task scoring and capability-retention evaluators."""

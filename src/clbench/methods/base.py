@@ -1,0 +1,110 @@
+"""The hook protocol between the training loop and a continual-learning method.
+
+The loop owns the model, the optimiser and every optimisation step; a method only *returns* things:
+
+| hook | returns | used for |
+| --- | --- | --- |
+| ``check(run_cfg)`` | nothing, raises ``ConfigError`` | refusing impossible configs before any model loads |
+| ``prepare_model(model)`` | the model to train | wrapping (LoRA adapters) |
+| ``task_start(ctx)`` | ``ParameterSelection`` | which parameters/entries train on this task (masks) |
+| ``training_examples(ctx, examples)`` | examples | data mixing (replay) |
+| ``loss_terms(ctx, model, batch, outputs)`` | ``{name: scalar tensor}`` | penalties added to the task loss |
+| ``edit_gradients(ctx, grads)`` | ``{name: tensor}`` or ``None`` | gradient projection (GEM) |
+| ``task_end(ctx)`` | nothing | updating the method's own state (Fisher, buffers, teacher) |
+| ``state_dict()`` / ``load_state_dict()`` | picklable state | per-task checkpoints and resuming |
+
+``conflicts_with`` names the methods a composition must refuse. Register a method with
+``@register("name")``; the registry refuses duplicate names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from clbench.data.encoding import Example, EncodingPolicy
+from clbench.masking import ParameterSelection
+
+
+@dataclass
+class TaskContext:
+    """What a hook may read about the task being learned (read-only by convention)."""
+
+    index: int  # 0-based position in the sequence
+    name: str
+    train: Sequence[Example]
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    policy: EncodingPolicy
+    seed: int
+    progress: bool = False
+    info: dict[str, Any] = field(default_factory=dict)  # anything the method wants logged for this task
+
+
+class Method:
+    """Base class: every hook is a no-op, so this class alone is sequential fine-tuning."""
+
+    name: ClassVar[str] = ""
+    conflicts_with: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    def check(self, run_cfg: DictConfig) -> None:
+        """Raise ``ConfigError`` naming the key if this method cannot run with ``run_cfg``."""
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def task_start(self, ctx: TaskContext) -> ParameterSelection:
+        return None
+
+    def training_examples(self, ctx: TaskContext, examples: Sequence[Example]) -> Sequence[Example]:
+        return examples
+
+    def loss_terms(self, ctx: TaskContext, model: nn.Module, batch: Mapping[str, torch.Tensor], outputs: Any) -> dict[str, torch.Tensor]:
+        return {}
+
+    def edit_gradients(self, ctx: TaskContext, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def task_end(self, ctx: TaskContext) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    def add(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY:
+            raise ValueError(f"a method named {name!r} is already registered ({_REGISTRY[name].__module__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def registered() -> dict[str, type[Method]]:
+    return dict(_REGISTRY)
+
+
+def build_method(cfg: DictConfig) -> Method:
+    from clbench.errors import ConfigError
+
+    if cfg.name not in _REGISTRY:
+        raise ConfigError(f"method.name={cfg.name!r} is not a registered method; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[cfg.name](cfg)

@@ -1,0 +1,168 @@
+"""Run directories: atomic result files, per-task checkpoints, resuming (schema in docs/results.md)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clbench.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path`` and rename it over ``path``: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def r_matrix_csv(tasks: Sequence[str], rows: Sequence[Sequence[float | None]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["trained_task", *tasks])
+    for t, row in enumerate(rows):
+        writer.writerow([tasks[t], *("" if v is None else f"{v:.4f}" for v in row)])
+    return out.getvalue()
+
+
+def read_r_matrix(path: Path) -> tuple[list[str], np.ndarray]:
+    """Task names and R (rows = tasks trained so far, NaN where not evaluated)."""
+    with path.open(encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    tasks = rows[0][1:]
+    values = [[float(v) if v != "" else np.nan for v in row[1:]] for row in rows[1:]]
+    return tasks, np.array(values, dtype=float).reshape(len(values), len(tasks))
+
+
+@dataclass
+class Progress:
+    """Everything the runner has produced so far; saved with each per-task checkpoint."""
+
+    tasks: list[str]
+    r_rows: list[list[float | None]] = field(default_factory=list)
+    initial_scores: list[float | None] | None = None
+    retention_base: dict[str, float] = field(default_factory=dict)
+    retention_after: list[dict[str, float]] = field(default_factory=list)
+    retention_state: dict[str, Any] = field(default_factory=dict)
+    task_info: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def tasks_done(self) -> int:
+        return len(self.r_rows)
+
+
+class RunDirectory:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.checkpoint = self.path / "checkpoint"
+
+    @property
+    def done(self) -> bool:
+        return (self.path / "DONE").exists()
+
+    def claim(self, resolved_config: str) -> None:
+        """Record the config, or check that an existing run directory was made by the same config."""
+        cfg_path = self.path / "config.yaml"
+        if cfg_path.exists():
+            old = cfg_path.read_text(encoding="utf-8")
+            if old != resolved_config:
+                diff = _changed_keys(old, resolved_config)
+                raise ConfigError(
+                    f"{self.path} holds a run with a different config (changed: {', '.join(diff) or 'formatting'}); "
+                    "choose another run directory (e.g. tag=...) rather than mixing results"
+                )
+            return
+        write_text_atomic(cfg_path, resolved_config)
+
+    def write_results(self, progress: Progress, metrics: dict[str, Any]) -> None:
+        write_text_atomic(self.path / "r_matrix.csv", r_matrix_csv(progress.tasks, progress.r_rows))
+        write_json_atomic(self.path / "metrics.json", metrics)
+
+    def write_predictions(self, t: int, task: str, records: list[dict[str, Any]]) -> None:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        write_text_atomic(self.path / "predictions" / f"{t}_{task}.jsonl", text)
+
+    def save_checkpoint(self, model: torch.nn.Module, method_state: dict[str, Any], progress: Progress) -> None:
+        """Write the whole checkpoint to a fresh directory, then swap it in: a crash leaves the old one."""
+        tmp = self.path / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(model.state_dict(), tmp / "model.pt")
+        torch.save({"method": method_state, "rng": _rng_state()}, tmp / "state.pt")
+        write_json_atomic(tmp / "progress.json", asdict(progress))
+        old = self.path / "checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.checkpoint.exists():
+            self.checkpoint.rename(old)
+        tmp.rename(self.checkpoint)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, model: torch.nn.Module) -> tuple[dict[str, Any], Progress] | None:
+        """Restore model and RNG state; returns (method state, progress) or None when there is none."""
+        if not (self.checkpoint / "progress.json").exists():
+            return None
+        progress = Progress(**json.loads((self.checkpoint / "progress.json").read_text(encoding="utf-8")))
+        model.load_state_dict(torch.load(self.checkpoint / "model.pt", map_location=next(model.parameters()).device))
+        state = torch.load(self.checkpoint / "state.pt", weights_only=False)
+        _set_rng_state(state["rng"])
+        return state["method"], progress
+
+    def finish(self, keep_checkpoint: bool) -> None:
+        write_text_atomic(self.path / "DONE", "")
+        if not keep_checkpoint:
+            shutil.rmtree(self.checkpoint, ignore_errors=True)
+
+
+def _changed_keys(old: str, new: str) -> list[str]:
+    from omegaconf import OmegaConf
+
+    a, b = OmegaConf.to_container(OmegaConf.create(old)), OmegaConf.to_container(OmegaConf.create(new))
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+
+    fa, fb = flat(a), flat(b)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
