@@ -86,7 +86,7 @@ def gradient_moments(
         p.requires_grad_(n in sum_grad)
     batches = [encoded[i : i + micro_batch_size] for i in range(0, len(encoded), micro_batch_size)]
     try:
-        for chunk in tqdm(batches, desc="importance", disable=not progress, leave=False):
+        for chunk in tqdm(batches, desc="importance", disable=None if progress else True, leave=False):
             batch = {k: v.to(device) for k, v in collate_for_training(chunk, tokenizer.pad_token_id).items()}
             model.zero_grad(set_to_none=True)
             answer_log_likelihood(model, batch).sum().backward()

@@ -5,11 +5,13 @@ The result files in the run directory are the source of truth; a logger only mir
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from clbench.errors import ConfigError
@@ -54,13 +56,13 @@ class WandbLogger(NullLogger):
 
     def log_r_matrix(self, tasks: Sequence[str], rows: Sequence[Sequence[float | None]]) -> None:
         table = self._wandb.Table(columns=["trained_task", *tasks], data=[[tasks[t], *row] for t, row in enumerate(rows)])
-        heat = [[v if v is not None else float("nan") for v in row] for row in rows]
-        self._run.log(
-            {
-                "r_matrix/table": table,
-                "r_matrix/heatmap": self._wandb.plots.HeatMap(list(tasks), list(tasks[: len(rows)]), heat, show_text=True),
-            }
-        )
+        from PIL import Image
+
+        from clbench.report import heatmap_figure, render_png
+
+        heat = np.array([[v if v is not None else np.nan for v in row] for row in rows], dtype=float)
+        png = render_png(heatmap_figure(tasks, heat, f"R matrix after task {len(rows)}"))
+        self._run.log({"r_matrix/table": table, "r_matrix/heatmap": self._wandb.Image(Image.open(io.BytesIO(png)))})
 
     def summary(self, values: dict[str, Any]) -> None:
         for k, v in values.items():

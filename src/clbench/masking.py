@@ -48,6 +48,25 @@ class MaskedUpdate:
         self.restore_unselected = restore_unselected
         self._saved: dict[str, torch.Tensor] = {}
 
+    def set_selection(self, selection: Mapping[str, torch.Tensor | None]) -> None:
+        """Change the masks during a task (EPI's refreshes). Only tensors already handed to the optimiser
+        can be selected; a tensor given an all-False mask stays in the optimiser but cannot move."""
+        extra = sorted(set(selection) - set(self.trainable))
+        if extra:
+            raise KeyError(f"refreshed selection adds tensors that were frozen at task start: {extra[:5]}")
+        if not self.restore_unselected:
+            raise ValueError("mid-task selection changes need restore_unselected=True (moment estimates move masked entries)")
+        masks = {}
+        for name, p in self.trainable.items():
+            if name not in selection:
+                mask = torch.zeros_like(p, dtype=torch.bool)
+            elif selection[name] is None:
+                mask = torch.ones_like(p, dtype=torch.bool)
+            else:
+                mask = selection[name]
+            masks[name] = mask.to(device=p.device, dtype=torch.bool)
+        self.masks = masks
+
     def parameters(self) -> list[nn.Parameter]:
         return list(self.trainable.values())
 

@@ -30,14 +30,12 @@ The Markdown tables are also printed to stdout, one heading per group. Exit code
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +46,7 @@ import pandas as pd
 
 from clbench import metrics as M
 from clbench.errors import DataError
+from clbench.results import read_r_matrix, write_bytes_atomic, write_text_atomic
 
 __all__ = [
     "DEFAULT_GROUP_BY",
@@ -171,43 +170,6 @@ class RunResult:
         return dict(after[-1] or {}) if after else {}
 
 
-def _read_r_matrix(path: Path) -> tuple[list[str], list[str], np.ndarray]:
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            rows = [r for r in csv.reader(fh) if r]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: cannot read R matrix: {exc}") from exc
-    if not rows:
-        raise DataError(f"{path}: empty file (expected header 'trained_task,<task_1>,...')")
-    header = [h.strip() for h in rows[0]]
-    if header[0] != "trained_task" or len(header) < 2:
-        raise DataError(f"{path}: header must be 'trained_task,<task_1>,...,<task_T>', got {','.join(header)!r}")
-    tasks = header[1:]
-    if len(set(tasks)) != len(tasks):
-        raise DataError(f"{path}: duplicate task names in header: {tasks}")
-    body = rows[1:]
-    if not body:
-        raise DataError(f"{path}: no rows (a finished run has one row per task trained)")
-    if len(body) > len(tasks):
-        raise DataError(f"{path}: {len(body)} rows but only {len(tasks)} tasks")
-    trained: list[str] = []
-    mat = np.full((len(body), len(tasks)), np.nan)
-    for t, row in enumerate(body):
-        lineno = t + 2
-        if len(row) != len(header):
-            raise DataError(f"{path}: line {lineno} has {len(row)} fields, expected {len(header)}")
-        trained.append(row[0].strip())
-        for i, cell in enumerate(row[1:]):
-            cell = cell.strip()
-            if cell == "":
-                continue
-            try:
-                mat[t, i] = float(cell)
-            except ValueError:
-                raise DataError(f"{path}: line {lineno}, column {tasks[i]!r}: not a number: {cell!r}") from None
-    return tasks, trained, mat
-
-
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -264,7 +226,7 @@ def load_run(path: Path, required_run_keys: Iterable[str] = DEFAULT_GROUP_BY) ->
             raise DataError(f"{path / name}: missing (a finished run has DONE, metrics.json and r_matrix.csv)")
     metrics_path, r_path = path / "metrics.json", path / "r_matrix.csv"
     data = _read_metrics(metrics_path, required_run_keys)
-    tasks, trained, mat = _read_r_matrix(r_path)
+    tasks, trained, mat = read_r_matrix(r_path)
     if tasks != data["tasks"]:
         raise DataError(f"{r_path}: header tasks {tasks} differ from 'tasks' {data['tasks']} in {metrics_path}")
     for t, name in enumerate(trained):
@@ -618,35 +580,12 @@ def to_latex(df: pd.DataFrame, caption: str | None = None) -> str:
 # --------------------------------------------------------------------------------------------- file output
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    return _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _safe_name(s: str) -> str:
     s = re.sub(r"[^A-Za-z0-9._+-]+", "-", str(s)).strip("-.")
     return s or "none"
 
 
-def _render_png(fig: Any) -> bytes:
+def render_png(fig: Any) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -656,9 +595,14 @@ def _render_png(fig: Any) -> bytes:
 
 
 def _heatmap_png(run: RunResult) -> bytes:
+    title = f"R matrix: {run.method} | {run.model} | {run.benchmark} | seed {_fmt_value(run.seed)}"
+    return render_png(heatmap_figure(run.tasks, run.r_matrix, title))
+
+
+def heatmap_figure(tasks: Sequence[str], mat: np.ndarray, title: str) -> Any:
+    """An annotated 0-100 heatmap of R (rows: after task t; NaN cells blank) as a matplotlib Figure."""
     from matplotlib.figure import Figure
 
-    mat = run.r_matrix
     n_rows, n_cols = mat.shape
     fig = Figure(figsize=(max(4.5, 0.75 * n_cols + 3), max(3.5, 0.6 * n_rows + 2)))
     ax = fig.add_subplot(1, 1, 1)
@@ -672,20 +616,19 @@ def _heatmap_png(run: RunResult) -> bytes:
             if not np.isnan(v):
                 ax.text(i, t, f"{v:.1f}", ha="center", va="center", fontsize=8,
                         color="white" if v < 60 else "black")
-    ax.set_xticks(range(n_cols), labels=run.tasks, rotation=45, ha="right")
-    ax.set_yticks(range(n_rows), labels=[f"after task {t + 1} ({run.tasks[t]})" for t in range(n_rows)])
+    ax.set_xticks(range(n_cols), labels=list(tasks), rotation=45, ha="right")
+    ax.set_yticks(range(n_rows), labels=[f"after task {t + 1} ({tasks[t]})" for t in range(n_rows)])
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("trained")
-    seed = _fmt_value(run.seed)
-    ax.set_title(f"R matrix: {run.method} | {run.model} | {run.benchmark} | seed {seed}", fontsize=10)
+    ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="score (0-100)")
-    return _render_png(fig)
+    return fig
 
 
 def plot_r_matrix(run: RunResult, path: Path | None = None) -> Path:
     """Write the R-matrix heatmap of ``run`` (default ``<run dir>/r_matrix.png``) atomically; returns the path."""
     path = Path(path) if path is not None else run.path / "r_matrix.png"
-    return _atomic_write_bytes(path, _heatmap_png(run))
+    return write_bytes_atomic(path, _heatmap_png(run))
 
 
 def _curves_png(key: tuple[str, ...], runs: list[RunResult], group_by: Sequence[str]) -> bytes | None:
@@ -728,7 +671,7 @@ def _curves_png(key: tuple[str, ...], runs: list[RunResult], group_by: Sequence[
         ax.set_title(f"{name}_t ({_describe_key(key, group_by)}; mean ± std over seeds)", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    return _render_png(fig)
+    return render_png(fig)
 
 
 def write_report(
@@ -770,14 +713,14 @@ def write_report(
             f"mean ± std (ddof=1) over {n_text}."
         )
         md = f"## {desc}\n\n{caption}\n\n{to_markdown(disp)}"
-        written.append(_atomic_write_text(out_dir / f"{stem}.md", md))
-        written.append(_atomic_write_text(out_dir / f"{stem}.csv", _numeric(table).to_csv()))
-        written.append(_atomic_write_text(out_dir / f"{stem}.tex", to_latex(disp, caption)))
+        written.append(write_text_atomic(out_dir / f"{stem}.md", md))
+        written.append(write_text_atomic(out_dir / f"{stem}.csv", _numeric(table).to_csv()))
+        written.append(write_text_atomic(out_dir / f"{stem}.tex", to_latex(disp, caption)))
         if curves:
             cstem = "curves_" + "_".join(_safe_name(v) for v in key)
             png = _curves_png(key, groups[key], group_by)
             if png is not None:
-                written.append(_atomic_write_bytes(out_dir / f"{cstem}.png", png))
+                written.append(write_bytes_atomic(out_dir / f"{cstem}.png", png))
         if stream is not False:
             print(md, file=stream)
 
@@ -787,7 +730,7 @@ def write_report(
         heat = ""
         if heatmaps:
             png = _heatmap_png(r)
-            _atomic_write_bytes(r.path / "r_matrix.png", png)
+            write_bytes_atomic(r.path / "r_matrix.png", png)
             base = "heatmap_" + "_".join(
                 _safe_name(v) for v in (r.model, r.benchmark, r.method, f"seed{_fmt_value(r.seed)}")
             )
@@ -797,10 +740,10 @@ def write_report(
                 name = f"{base}_{n}"
             used.add(name)
             heat = f"{name}.png"
-            written.append(_atomic_write_bytes(out_dir / heat, png))
+            written.append(write_bytes_atomic(out_dir / heat, png))
         index_rows.append({"path": str(r.path), **{k: r.run[k] for k in r.run}, "op": r.op, "bwt": r.bwt,
                            "heatmap": heat})
-    written.append(_atomic_write_text(out_dir / "runs.csv", pd.DataFrame(index_rows).to_csv(index=False)))
+    written.append(write_text_atomic(out_dir / "runs.csv", pd.DataFrame(index_rows).to_csv(index=False)))
     return written
 
 

@@ -17,22 +17,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from clbench.errors import ConfigError
+from clbench.errors import ConfigError, DataError
 
 SCHEMA_VERSION = 1
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
     """Write to a temporary file beside ``path`` and rename it over ``path``: readers never see half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -48,13 +56,43 @@ def r_matrix_csv(tasks: Sequence[str], rows: Sequence[Sequence[float | None]]) -
     return out.getvalue()
 
 
-def read_r_matrix(path: Path) -> tuple[list[str], np.ndarray]:
-    """Task names and R (rows = tasks trained so far, NaN where not evaluated)."""
-    with path.open(encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    tasks = rows[0][1:]
-    values = [[float(v) if v != "" else np.nan for v in row[1:]] for row in rows[1:]]
-    return tasks, np.array(values, dtype=float).reshape(len(values), len(tasks))
+def read_r_matrix(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """Task names, the task trained in each row, and R (NaN where not evaluated); errors name the file."""
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = [r for r in csv.reader(fh) if r]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read R matrix: {exc}") from exc
+    if not rows:
+        raise DataError(f"{path}: empty file (expected header 'trained_task,<task_1>,...')")
+    header = [h.strip() for h in rows[0]]
+    if header[0] != "trained_task" or len(header) < 2:
+        raise DataError(f"{path}: header must be 'trained_task,<task_1>,...,<task_T>', got {','.join(header)!r}")
+    tasks = header[1:]
+    if len(set(tasks)) != len(tasks):
+        raise DataError(f"{path}: duplicate task names in header: {tasks}")
+    body = rows[1:]
+    if not body:
+        raise DataError(f"{path}: no rows (a finished run has one row per task trained)")
+    if len(body) > len(tasks):
+        raise DataError(f"{path}: {len(body)} rows but only {len(tasks)} tasks")
+    trained: list[str] = []
+    mat = np.full((len(body), len(tasks)), np.nan)
+    for t, row in enumerate(body):
+        lineno = t + 2
+        if len(row) != len(header):
+            raise DataError(f"{path}: line {lineno} has {len(row)} fields, expected {len(header)}")
+        trained.append(row[0].strip())
+        for i, cell in enumerate(row[1:]):
+            cell = cell.strip()
+            if cell == "":
+                continue
+            try:
+                mat[t, i] = float(cell)
+            except ValueError:
+                raise DataError(f"{path}: line {lineno}, column {tasks[i]!r}: not a number: {cell!r}") from None
+    return tasks, trained, mat
+
 
 
 @dataclass

@@ -186,7 +186,19 @@ def run_experiment(cfg: DictConfig) -> Path:
 def _learn_and_evaluate(plan: Plan, model: torch.nn.Module, tokenizer: Any, t: int, progress: Progress, logger: Any) -> None:
     cfg = plan.cfg
     task = plan.benchmark.tasks[t]
-    ctx = TaskContext(t, task.name, task.train, model, tokenizer, plan.policy, int(cfg.seed), bool(cfg.progress))
+    ctx = TaskContext(
+        t,
+        task.name,
+        task.train,
+        model,
+        tokenizer,
+        plan.policy,
+        int(cfg.seed),
+        bool(cfg.progress),
+        settings=plan.settings,
+        sequence=[(other.name, other.train) for other in plan.benchmark.tasks],
+        work_dir=plan.run_dir.path / "method_files",
+    )
     print(f"[clbench] task {t + 1}/{len(plan.benchmark.tasks)}: {task.name} ({len(task.train)} examples)")
     info = learn_task(model, plan.method, ctx, plan.settings, logger.log)
     info.update(ctx.info)

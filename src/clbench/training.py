@@ -2,7 +2,8 @@
 
 One task: ``selection = method.task_start(ctx)`` → ``MaskedUpdate`` → epochs over
 ``method.training_examples(ctx, train)`` with loss = task loss + Σ ``method.loss_terms``, gradients edited by
-``method.edit_gradients`` then masked, then the optimiser step → ``method.task_end(ctx)``.
+``method.edit_gradients``, masks refreshed by ``method.refresh_selection``, gradients masked, optimiser step →
+one pass over ``method.after_task_examples(ctx)`` → ``method.task_end(ctx)``.
 
 Defaults follow PIECE §4.1: Adam (AdamW with weight decay 0), constant learning rate, no warm-up, a fresh
 optimiser for every task (no moment estimates leak from one task into the next), effective batch
@@ -12,14 +13,16 @@ optimiser for every task (no moment estimates leak from one task into the next),
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import copy
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
-from clbench.data.encoding import Example, collate_for_training, encode_for_training
+from clbench.data.encoding import EncodedExample, Example, collate_for_training, encode_for_training
 from clbench.errors import ConfigError
 from clbench.masking import MaskedUpdate
 from clbench.methods.base import Method, TaskContext
@@ -84,51 +87,103 @@ def learn_task(
     """Train ``model`` on ``ctx.train`` with ``method``'s hooks; returns summary numbers for the log."""
     selection = method.task_start(ctx)
     examples: Sequence[Example] = method.training_examples(ctx, ctx.train)
-    encoded = [encode_for_training(ctx.tokenizer, ex, ctx.policy, where=f"task {ctx.name!r} example {i}") for i, ex in enumerate(examples)]
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.index)
-    steps_per_epoch = -(-len(encoded) // settings.batch_size)
-    losses: list[float] = []
-    with MaskedUpdate(model, selection, restore_unselected=settings.weight_decay > 0) as update:
+    encoded = _encode(ctx, examples)
+    n_truncated = sum(e.truncated for e in encoded)
+    if n_truncated:
+        print(f"[clbench] {ctx.name}: {n_truncated}/{len(encoded)} training examples truncated to {ctx.policy.max_length} tokens ({ctx.policy.mode})")
+    restore = settings.weight_decay > 0 or method.changes_selection_during_task
+    with MaskedUpdate(model, selection, restore_unselected=restore) as update:
         optimizer = torch.optim.AdamW(update.parameters(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, steps_per_epoch * settings.epochs))
-        model.train()
-        step = 0
-        bar = tqdm(total=steps_per_epoch * settings.epochs, desc=f"train {ctx.name}", disable=not ctx.progress, leave=False)
+        total_steps = -(-len(encoded) // settings.batch_size) * settings.epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, total_steps))
+        loop = _Loop(model, method, ctx, settings, update, optimizer, scheduler, log_step)
+        generator = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.index)
+        bar = tqdm(total=total_steps, desc=f"train {ctx.name}", disable=None if ctx.progress else True, leave=False)
         for _epoch in range(settings.epochs):
-            batches = _micro_batches(len(encoded), settings, generator)
-            for start in range(0, len(batches), settings.accumulation):
-                group = batches[start : start + settings.accumulation]
-                n_in_group = sum(len(b) for b in group)
-                terms_total: dict[str, float] = {}
-                for idx in group:
-                    batch = {k: v.to(device) for k, v in collate_for_training([encoded[i] for i in idx], ctx.tokenizer.pad_token_id).items()}
-                    outputs = model(**batch)
-                    terms = {"task": outputs.loss, **method.loss_terms(ctx, model, batch, outputs)}
-                    # weight each micro-batch by its share of examples: the group's loss is a mean over examples
-                    loss = sum(terms.values()) * (len(idx) / n_in_group)
-                    loss.backward()
-                    for name, value in terms.items():
-                        terms_total[name] = terms_total.get(name, 0.0) + float(value.detach()) * len(idx) / n_in_group
-                _apply_gradient_edits(method, ctx, update)
-                update.mask_gradients()
-                if settings.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(update.parameters(), settings.max_grad_norm)
-                update.before_step()
-                optimizer.step()
-                update.after_step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                losses.append(terms_total["task"])
-                bar.update(1)
-                bar.set_postfix(loss=f"{terms_total['task']:.3f}")
-                if log_step is not None:
-                    log_step({f"train/{ctx.name}/{k}": v for k, v in terms_total.items()} | {"train/step": step})
+            loop.run_pass(encoded, generator, bar)
         bar.close()
+        extra = method.after_task_examples(ctx)
+        if extra:
+            loop.run_pass(_encode(ctx, extra), generator, None)
         n_selected = update.n_selected()
     method.task_end(ctx)
-    return {"steps": step, "final_loss": losses[-1] if losses else float("nan"), "trainable_entries": n_selected}
+    last = loop.losses[-1] if loop.losses else float("nan")
+    return {"steps": loop.step, "final_loss": last, "trainable_entries": n_selected, "truncated_examples": n_truncated}
+
+
+def _encode(ctx: TaskContext, examples: Sequence[Example]) -> list[EncodedExample]:
+    return [encode_for_training(ctx.tokenizer, ex, ctx.policy, where=f"task {ctx.name!r} example {i}") for i, ex in enumerate(examples)]
+
+
+@dataclass
+class _Loop:
+    """The optimisation steps of one task; the only place where the optimiser steps."""
+
+    model: nn.Module
+    method: Method
+    ctx: TaskContext
+    settings: TrainerSettings
+    update: MaskedUpdate
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    log_step: StepLogger | None
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def run_pass(self, encoded: list[EncodedExample], generator: torch.Generator, bar: tqdm | None) -> None:
+        """One epoch over ``encoded`` in a fresh random order, in groups of ``batch_size`` examples."""
+        batches = _micro_batches(len(encoded), self.settings, generator)
+        for start in range(0, len(batches), self.settings.accumulation):
+            terms = self._accumulate([[encoded[i] for i in idx] for idx in batches[start : start + self.settings.accumulation]])
+            self._optimiser_step()
+            self.losses.append(terms["task"])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['task']:.3f}")
+            if self.log_step is not None:
+                self.log_step({f"train/{self.ctx.name}/{k}": v for k, v in terms.items()} | {"train/step": self.step})
+
+    def _accumulate(self, group: list[list[EncodedExample]]) -> dict[str, float]:
+        """Backward of the group's loss, a mean over its examples (each micro-batch weighted by its size)."""
+        n_in_group = sum(len(b) for b in group)
+        device = next(self.model.parameters()).device
+        totals: dict[str, float] = {}
+        for chunk in group:
+            batch = {k: v.to(device) for k, v in collate_for_training(chunk, self.ctx.tokenizer.pad_token_id).items()}
+            outputs = self.model(**batch)
+            terms = {"task": outputs.loss, **self.method.loss_terms(self.ctx, self.model, batch, outputs)}
+            share = len(chunk) / n_in_group
+            (sum(terms.values()) * share).backward()
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + float(value.detach()) * share
+        return totals
+
+    def _optimiser_step(self) -> None:
+        _apply_gradient_edits(self.method, self.ctx, self.update)
+        refreshed = self.method.refresh_selection(self.ctx, self.step)
+        if refreshed is not None:
+            self.update.set_selection(refreshed)
+        self.update.mask_gradients()
+        if self.settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.update.parameters(), self.settings.max_grad_norm)
+        self.update.before_step()
+        self.optimizer.step()
+        self.update.after_step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+
+def probe_fine_tune(model: nn.Module, ctx: TaskContext, epochs: int, lr: float | None = None) -> nn.Module:
+    """A copy of ``model`` fully fine-tuned on ``ctx.train`` for ``epochs`` (warm-start / probe runs of
+    TRACE and static isolation). The original model is untouched; the loop's own steps do the training."""
+    if ctx.settings is None:
+        raise ValueError("probe_fine_tune needs ctx.settings")
+    probe = copy.deepcopy(model)
+    settings = dataclasses.replace(ctx.settings, epochs=epochs, lr=lr if lr is not None else ctx.settings.lr)
+    probe_ctx = dataclasses.replace(ctx, model=probe, info={})
+    learn_task(probe, Method(None), probe_ctx, settings)  # type: ignore[arg-type]
+    return probe
 
 
 def _apply_gradient_edits(method: Method, ctx: TaskContext, update: MaskedUpdate) -> None:

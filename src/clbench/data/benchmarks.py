@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from clbench.data import micro
 from clbench.data.encoding import Example
@@ -137,10 +137,3 @@ def load_benchmark(cfg: DictConfig, seed: int) -> Benchmark:
 def describe(benchmark: Benchmark) -> str:
     rows = [f"{t.name}: {len(t.train)} train / {len(t.test)} test ({t.kind})" for t in benchmark.tasks]
     return "\n".join(rows)
-
-
-def as_plain(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
-__all__: Sequence[str] = ["Benchmark", "TaskData", "load_benchmark", "read_json_examples", "resolve_order"]

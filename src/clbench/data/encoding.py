@@ -12,7 +12,7 @@ Truncation never cuts silently. Sequences longer than ``max_length`` are shorten
 - ``"left"``: drop prompt tokens from the start.
 - ``"error"``: raise ``DataError`` naming the task and example.
 
-Every truncation is counted (``EncodedTask.n_truncated``) and reported by the runner.
+Every truncation is flagged (``EncodedExample.truncated``); the training loop reports how many per task.
 
 Answers end with ``EncodingPolicy.answer_terminator``: ``"eos"`` (the tokenizer's EOS token, default) or a
 string such as ``"\n"`` appended to the answer text. Generation stops at the terminator either way. Tiny
@@ -23,7 +23,7 @@ them), while a newline is already a frequent continuation: the micro suite there
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, TypedDict
 
 import torch
@@ -53,12 +53,6 @@ class EncodedExample:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
-
-
-@dataclass
-class EncodedTask:
-    examples: list[EncodedExample] = field(default_factory=list)
-    n_truncated: int = 0
 
 
 def _fit_prompt(prompt_ids: list[int], budget: int, policy: EncodingPolicy, where: str) -> tuple[list[int], bool]:
@@ -122,13 +116,6 @@ def cut_at_terminator(text: str, policy: EncodingPolicy) -> str:
     if policy.answer_terminator != "eos" and policy.answer_terminator in text:
         text = text[: text.index(policy.answer_terminator)]
     return text.strip()
-
-
-def encode_task(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], policy: EncodingPolicy, task: str
-) -> EncodedTask:
-    encoded = [encode_for_training(tokenizer, ex, policy, where=f"task {task!r} example {i}") for i, ex in enumerate(examples)]
-    return EncodedTask(examples=encoded, n_truncated=sum(e.truncated for e in encoded))
 
 
 def collate_for_training(batch: Sequence[EncodedExample], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ def generate_greedy(
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=None if progress else True, leave=False):
             idx = order[start : start + batch_size]
             width = max(len(encoded[i]) for i in idx)
             input_ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)

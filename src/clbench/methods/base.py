@@ -7,9 +7,11 @@ The loop owns the model, the optimiser and every optimisation step; a method onl
 | ``check(run_cfg)`` | nothing, raises ``ConfigError`` | refusing impossible configs before any model loads |
 | ``prepare_model(model)`` | the model to train | wrapping (LoRA adapters) |
 | ``task_start(ctx)`` | ``ParameterSelection`` | which parameters/entries train on this task (masks) |
-| ``training_examples(ctx, examples)`` | examples | data mixing (replay) |
+| ``training_examples(ctx, examples)`` | examples | data mixing (replay-online, joint) |
 | ``loss_terms(ctx, model, batch, outputs)`` | ``{name: scalar tensor}`` | penalties added to the task loss |
-| ``edit_gradients(ctx, grads)`` | ``{name: tensor}`` or ``None`` | gradient projection (GEM) |
+| ``edit_gradients(ctx, grads)`` | ``{name: tensor}`` or ``None`` | gradient projection (GEM), statistics of raw gradients (EPI) |
+| ``refresh_selection(ctx, step)`` | ``ParameterSelection`` or ``None`` | changing the masks during a task (EPI), ``None`` = keep |
+| ``after_task_examples(ctx)`` | examples | one extra pass after the task's epochs (offline replay) |
 | ``task_end(ctx)`` | nothing | updating the method's own state (Fisher, buffers, teacher) |
 | ``state_dict()`` / ``load_state_dict()`` | picklable state | per-task checkpoints and resuming |
 
@@ -21,7 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from omegaconf import DictConfig
@@ -30,6 +33,9 @@ from transformers import PreTrainedTokenizerBase
 
 from clbench.data.encoding import Example, EncodingPolicy
 from clbench.masking import ParameterSelection
+
+if TYPE_CHECKING:
+    from clbench.training import TrainerSettings
 
 
 @dataclass
@@ -44,6 +50,9 @@ class TaskContext:
     policy: EncodingPolicy
     seed: int
     progress: bool = False
+    settings: TrainerSettings | None = None  # the loop's optimiser settings (e.g. for probe fine-tunes)
+    sequence: Sequence[tuple[str, Sequence[Example]]] = ()  # every task's (name, train examples), in order
+    work_dir: Path | None = None  # a directory in the run directory where the method may keep files
     info: dict[str, Any] = field(default_factory=dict)  # anything the method wants logged for this task
 
 
@@ -52,6 +61,9 @@ class Method:
 
     name: ClassVar[str] = ""
     conflicts_with: ClassVar[frozenset[str]] = frozenset()
+    # True when refresh_selection may change masks mid-task: the loop then restores unselected entries
+    # after every step, because Adam's moment estimates would otherwise keep moving them.
+    changes_selection_during_task: ClassVar[bool] = False
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -73,6 +85,12 @@ class Method:
 
     def edit_gradients(self, ctx: TaskContext, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         return None
+
+    def refresh_selection(self, ctx: TaskContext, step: int) -> ParameterSelection:
+        return None
+
+    def after_task_examples(self, ctx: TaskContext) -> Sequence[Example]:
+        return ()
 
     def task_end(self, ctx: TaskContext) -> None:
         pass

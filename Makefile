@@ -1,0 +1,38 @@
+# clbench: `make demo` (install + micro demo) and `make test` (install + test suite) are the two entry points.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SEEDS ?= 1,2,3
+# Every method that exists (one conf/method/*.yaml each).
+METHODS ?= $(shell ls conf/method | sed 's/\.yaml$$//' | paste -sd, -)
+
+.PHONY: install demo test test-fast reproduce-micro clean-demo
+
+install: $(VENV)/.installed
+
+# torch is pinned (==2.13.0) and installed first: a looser pin would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# SeqFT and PIECE-S on the micro suite with the default model; runs and tables go to results/demo.
+demo: install
+	$(PY) -m clbench.run --multirun experiment=micro method=seqft,piece_s hydra.sweep.dir=results/demo
+	$(PY) -m clbench.report results/demo
+
+# The whole suite (slow tests included); pytest's "no tests collected" (exit 5) is not a failure.
+test: install
+	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+# Every method × seeds on the micro suite, then the tables (results/micro/report).
+reproduce-micro: install
+	$(PY) -m clbench.run --multirun experiment=micro method=$(METHODS) seed=$(SEEDS) hydra.sweep.dir=results/micro
+	$(PY) -m clbench.report results/micro
+
+clean-demo:
+	rm -rf results/demo
