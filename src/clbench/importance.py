@@ -1,5 +1,11 @@
 """Parameter-importance scores and top-k selection shared by the score-based methods.
 
+Contents: gradient moments and the empirical Fisher diagonal (PIECE eq. 4, EWC); the second-order
+normalised score (PIECE eq. 10); output magnitudes of linear layers (MIGU, PIECE eqs. 24–25); parameter
+deltas, their per-tensor L2 norm (TRACE eq. 3) and cosine specificity across tasks (TRACE eqs. 7–8); the
+exponential moving average of squared gradients (EPI eq. 5); min–max normalisation per tensor (layer-wise)
+or across tensors; top-k selection across all tensors or within each tensor.
+
 PIECE (piece.md §3.2–3.4):
 
 - Fisher importance, eq. 4:  F_i = 1/|D| Σ_{(x,y)∈D} (∂ log p_θ(y|x) / ∂θ_i)²
@@ -18,7 +24,7 @@ the sum of squared micro-batch gradients, and PIECE-S is |Σg| / sqrt(Σg² + 1)
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -153,7 +159,111 @@ def piece_scores(
     return {n: s.float().abs() / (moments.sum_sq_grad[n].float() + 1.0).sqrt() for n, s in moments.sum_grad.items()}
 
 
-def top_k_mask(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+@torch.no_grad()
+def output_magnitude(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    weight_names: Iterable[str],
+    policy: EncodingPolicy = EncodingPolicy(),
+    batch_size: int = 8,
+) -> dict[str, torch.Tensor]:
+    """MIGU (PIECE eqs. 24–25): n_i = ‖h_i‖₁ with h_i = W_i·x, the L1 norm of output channel i of each
+    linear layer over every non-padding token of ``examples``. Returns one score per output row
+    (shape ``[d_out]``) for each named linear weight."""
+    modules = dict(model.named_modules())
+    wanted = {n[: -len(".weight")]: n for n in weight_names if n.endswith(".weight")}
+    linears = {m: modules[m] for m in wanted if isinstance(modules.get(m), nn.Linear)}
+    scores = {wanted[m]: torch.zeros(mod.out_features, dtype=torch.float32) for m, mod in linears.items()}
+    current_mask: list[torch.Tensor] = []
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            h = torch.nn.functional.linear(inputs[0], module.weight)  # W·x without bias, as eq. 24
+            scores[name] += (h.abs().float() * current_mask[0].unsqueeze(-1)).sum(dim=(0, 1)).cpu()
+
+        return record
+
+    handles = [mod.register_forward_hook(hook(wanted[m])) for m, mod in linears.items()]
+    encoded = [encode_for_training(tokenizer, ex, policy, where=f"magnitude example {i}") for i, ex in enumerate(examples)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(encoded), batch_size):
+            batch = {k: v.to(device) for k, v in collate_for_training(encoded[start : start + batch_size], tokenizer.pad_token_id).items()}
+            current_mask[:] = [batch["attention_mask"].float()]
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return scores
+
+
+def parameter_delta(
+    tuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], names: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """Δ = θ* − θ₀ per tensor (TRACE eq. 6), in float32 on the CPU."""
+    return {n: tuned[n].detach().float().cpu() - base[n].detach().float().cpu() for n in names}
+
+
+def tensor_l2(deltas: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """‖Δ^{(i)}‖₂ per parameter tensor (TRACE eq. 3)."""
+    return {n: float(d.norm()) for n, d in deltas.items()}
+
+
+def cosine_specificity(deltas: Sequence[Mapping[str, torch.Tensor]], task: int) -> dict[str, float]:
+    """TRACE eqs. 7–8: Spec_k^{(i)} = 1 − 1/(K−1) Σ_{j≠k} cos(Δ_k^{(i)}, Δ_j^{(i)}) per tensor i.
+
+    ``deltas[j]`` maps tensor names to task j's update; ``task`` is k (0-based). A zero update has cosine 0.
+    """
+    if len(deltas) < 2:
+        raise ValueError("specificity needs the updates of at least two tasks")
+    out = {}
+    for name, dk in deltas[task].items():
+        sims = [
+            float(torch.nn.functional.cosine_similarity(dk.flatten(), dj[name].flatten(), dim=0, eps=1e-12))
+            for j, dj in enumerate(deltas)
+            if j != task
+        ]
+        out[name] = 1.0 - sum(sims) / len(sims)
+    return out
+
+
+def ema_squared_gradients(
+    ema: Mapping[str, torch.Tensor] | None, grads: Mapping[str, torch.Tensor], beta: float
+) -> dict[str, torch.Tensor]:
+    """EPI eq. 5: S_t = β·S_{t−1} + (1−β)·g⊙g (S_0 = 0), per tensor, in float32."""
+    out = {}
+    for name, g in grads.items():
+        sq = g.detach().float() ** 2
+        prev = ema[name] if ema is not None and name in ema else torch.zeros_like(sq)
+        out[name] = beta * prev + (1.0 - beta) * sq
+    return out
+
+
+def minmax_normalise(scores: Mapping[str, torch.Tensor], scope: Literal["tensor", "global"] = "tensor") -> dict[str, torch.Tensor]:
+    """Rescale scores to [0, 1]: within each tensor (layer-wise, EPI) or across all tensors together.
+    A constant tensor (max = min) maps to zeros."""
+    if scope == "tensor":
+        return {n: _minmax(s.float(), s.float().min(), s.float().max()) for n, s in scores.items()}
+    lo = min(float(s.min()) for s in scores.values())
+    hi = max(float(s.max()) for s in scores.values())
+    return {n: _minmax(s.float(), torch.tensor(lo), torch.tensor(hi)) for n, s in scores.items()}
+
+
+def _minmax(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    span = hi - lo
+    return torch.zeros_like(s) if float(span) == 0.0 else (s - lo) / span
+
+
+def top_fraction_per_tensor(scores: Mapping[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """Within each tensor, select its ⌊fraction·numel⌋ largest entries (the per-tensor / per-layer budget)."""
+    return {n: top_k_mask({n: s}, int(fraction * s.numel()))[n] for n, s in scores.items()}
+
+
+def top_k_mask(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """Boolean masks selecting exactly the ``k`` largest scores across all tensors (ties broken by position).
 
     Works tensor by tensor: each tensor contributes at most ``k`` candidates, so no concatenation of the
