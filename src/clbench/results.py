@@ -121,15 +121,18 @@ class RunDirectory:
     def done(self) -> bool:
         return (self.path / "DONE").exists()
 
-    def claim(self, resolved_config: str) -> None:
-        """Record the config, or check that an existing run directory was made by the same config."""
+    def claim(self, resolved_config: str, ignore: Sequence[str] = ("progress", "logger")) -> None:
+        """Record the config, or check that an existing run directory was made by the same config.
+
+        Keys under ``ignore`` do not change results (progress bars, logging), so a resume may change them.
+        """
         cfg_path = self.path / "config.yaml"
         if cfg_path.exists():
             old = cfg_path.read_text(encoding="utf-8")
-            if old != resolved_config:
-                diff = _changed_keys(old, resolved_config)
+            diff = [k for k in _changed_keys(old, resolved_config) if k.split(".")[0] not in ignore]
+            if diff:
                 raise ConfigError(
-                    f"{self.path} holds a run with a different config (changed: {', '.join(diff) or 'formatting'}); "
+                    f"{self.path} holds a run with a different config (changed: {', '.join(diff)}); "
                     "choose another run directory (e.g. tag=...) rather than mixing results"
                 )
             return
