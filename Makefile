@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# SeqFT and PIECE-S on the micro suite with the default model; runs and tables go to results/demo.
+# SeqFT and PIECE-S on the micro suite with the default model; runs and tables go to results/demo
+# (not committed: re-running resumes or skips finished runs; `make clean-demo` starts over).
 demo: install
 	$(PY) -m clbench.run --multirun experiment=micro method=seqft,piece_s hydra.sweep.dir=results/demo
 	$(PY) -m clbench.report results/demo
@@ -29,10 +30,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
-# Every method × seeds on the micro suite, then the tables (results/micro/report).
+# Every method × seeds on the micro suite (runs in runs/micro), then its tables and heatmaps in results/micro.
 reproduce-micro: install
-	$(PY) -m clbench.run --multirun experiment=micro method=$(METHODS) seed=$(SEEDS) hydra.sweep.dir=results/micro
-	$(PY) -m clbench.report results/micro
+	$(PY) -m clbench.run --multirun experiment=micro method=$(METHODS) seed=$(SEEDS) hydra.sweep.dir=runs/micro
+	$(PY) -m clbench.report runs/micro --out results/micro
 
 clean-demo:
 	rm -rf results/demo

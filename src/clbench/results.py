@@ -121,10 +121,10 @@ class RunDirectory:
     def done(self) -> bool:
         return (self.path / "DONE").exists()
 
-    def claim(self, resolved_config: str, ignore: Sequence[str] = ("progress", "logger")) -> None:
+    def claim(self, resolved_config: str, ignore: Sequence[str] = ("progress", "logger", "run_dir")) -> None:
         """Record the config, or check that an existing run directory was made by the same config.
 
-        Keys under ``ignore`` do not change results (progress bars, logging), so a resume may change them.
+        Keys under ``ignore`` do not change results (progress bars, logging, where the directory lives), so a resume may change them.
         """
         cfg_path = self.path / "config.yaml"
         if cfg_path.exists():
