@@ -91,7 +91,7 @@ def learn_task(
     n_truncated = sum(e.truncated for e in encoded)
     if n_truncated:
         print(f"[clbench] {ctx.name}: {n_truncated}/{len(encoded)} training examples truncated to {ctx.policy.max_length} tokens ({ctx.policy.mode})")
-    restore = settings.weight_decay > 0 or method.changes_selection_during_task
+    restore = settings.weight_decay > 0 or method.changes_selection_during_task or not method.masks_gradients
     with MaskedUpdate(model, selection, restore_unselected=restore) as update:
         optimizer = torch.optim.AdamW(update.parameters(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
         total_steps = -(-len(encoded) // settings.batch_size) * settings.epochs
@@ -163,7 +163,8 @@ class _Loop:
         refreshed = self.method.refresh_selection(self.ctx, self.step)
         if refreshed is not None:
             self.update.set_selection(refreshed)
-        self.update.mask_gradients()
+        if self.method.masks_gradients:
+            self.update.mask_gradients()
         if self.settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.update.parameters(), self.settings.max_grad_norm)
         self.update.before_step()

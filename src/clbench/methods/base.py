@@ -64,6 +64,9 @@ class Method:
     # True when refresh_selection may change masks mid-task: the loop then restores unselected entries
     # after every step, because Adam's moment estimates would otherwise keep moving them.
     changes_selection_during_task: ClassVar[bool] = False
+    # False: the optimiser sees the full gradient and only its update is masked (EPI eqs. 12–13: Adam's
+    # moments keep tracking protected entries); unselected entries are then restored after each step.
+    masks_gradients: ClassVar[bool] = True
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
