@@ -124,7 +124,7 @@ def metrics_document(plan: Plan, progress: Progress) -> dict[str, Any]:
             "benchmark": cfg.benchmark.name,
             "order": cfg.benchmark.order if isinstance(cfg.benchmark.order, str) else "custom",
             "seed": int(cfg.seed),
-            "sparsity": cfg.method.get("sparsity"),
+            "sparsity": cfg.method.get("sparsity", cfg.method.get("ratio")),  # the selected fraction, whatever the method calls it
             "protocol": cfg.evaluator.protocol,
         },
         "tasks": progress.tasks,

@@ -96,6 +96,7 @@ def learn_task(
         optimizer = torch.optim.AdamW(update.parameters(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
         total_steps = -(-len(encoded) // settings.batch_size) * settings.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, total_steps))
+        model.train()  # HF models load in eval mode; dropout (e.g. LoRA's) must act while training
         loop = _Loop(model, method, ctx, settings, update, optimizer, scheduler, log_step)
         generator = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.index)
         bar = tqdm(total=total_steps, desc=f"train {ctx.name}", disable=None if ctx.progress else True, leave=False)
