@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from clbench import runner
 from clbench.run import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,3 +34,56 @@ def compose_config(overrides: list[str], run_dir: Path | None = None) -> DictCon
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         extra = [f"run_dir={run_dir}"] if run_dir is not None else ["run_dir=unused"]
         return compose(config_name="config", overrides=[*overrides, *extra])
+
+
+def crash_and_resume(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    overrides: list[str],
+    crash_at: int = 2,
+    *,
+    after_straight: Callable[[Path], None] | None = None,
+    after_crash: Callable[[Path], None] | None = None,
+) -> tuple[Path, Path]:
+    """Run `overrides` straight through, then again with a simulated kill at task `crash_at` (0-based) and a
+    re-run; assert that only the unfinished task ran again and that both r_matrix.csv files are identical.
+    Returns (straight_dir, resumed_dir) for further checks.
+
+    `after_straight(straight_dir)` runs right after the straight run; `after_crash(crashed_dir)` runs after the
+    kill and before the re-run, while the checkpoint still holds the state the kill left behind."""
+    straight = tmp_path / "straight"
+    runner.run_experiment(compose_config(overrides, straight))
+    assert (straight / "DONE").exists()
+    if after_straight is not None:
+        after_straight(straight)
+
+    original = runner._learn_and_evaluate
+
+    def crash_on_task(plan, model, tokenizer, t, progress, logger):
+        if t == crash_at:
+            raise KeyboardInterrupt("simulated kill")
+        return original(plan, model, tokenizer, t, progress, logger)
+
+    monkeypatch.setattr(runner, "_learn_and_evaluate", crash_on_task)
+    crashed = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt, match="simulated kill"):
+        runner.run_experiment(compose_config(overrides, crashed))
+    assert not (crashed / "DONE").exists()
+    assert len(json.loads((crashed / "checkpoint" / "progress.json").read_text())["r_rows"]) == crash_at
+    monkeypatch.setattr(runner, "_learn_and_evaluate", original)
+    if after_crash is not None:
+        after_crash(crashed)
+
+    resumed_tasks: list[int] = []
+
+    def record_task(plan, model, tokenizer, t, progress, logger):
+        resumed_tasks.append(t)
+        return original(plan, model, tokenizer, t, progress, logger)
+
+    monkeypatch.setattr(runner, "_learn_and_evaluate", record_task)
+    runner.run_experiment(compose_config(overrides, crashed))
+    monkeypatch.setattr(runner, "_learn_and_evaluate", original)
+    assert resumed_tasks == [crash_at]  # only the unfinished task ran again
+    assert (crashed / "DONE").exists()
+    assert (crashed / "r_matrix.csv").read_bytes() == (straight / "r_matrix.csv").read_bytes()
+    return straight, crashed

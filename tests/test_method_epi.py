@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from helpers import TINY_RUN, compose_config
+from helpers import TINY_RUN, compose_config, crash_and_resume
 
 from clbench import runner
 from clbench.data.encoding import EncodingPolicy
@@ -294,30 +294,9 @@ def test_end_to_end_run_records_mask_history(tmp_path):
 
 
 def test_resume_after_crash_gives_same_r_matrix(tmp_path, monkeypatch):
-    overrides = [*TINY_RUN, "method=epi", "method.refresh_every=2", "method.ratio=0.05"]
-    runner.run_experiment(compose_config(overrides, tmp_path / "straight"))
-
-    original = runner._learn_and_evaluate
-
-    def crash_on_third(plan, model, tokenizer, t, progress, logger):
-        if t == 2:
-            raise KeyboardInterrupt("simulated kill")
-        original(plan, model, tokenizer, t, progress, logger)
-
-    monkeypatch.setattr(runner, "_learn_and_evaluate", crash_on_third)
-    crashed = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(compose_config(overrides, crashed))
-    assert not (crashed / "DONE").exists()
-    monkeypatch.setattr(runner, "_learn_and_evaluate", original)
-
-    resumed_tasks = []
-    monkeypatch.setattr(runner, "_learn_and_evaluate", lambda p, m, tok, t, pr, lg: (resumed_tasks.append(t), original(p, m, tok, t, pr, lg)))
-    runner.run_experiment(compose_config(overrides, crashed))
-    assert resumed_tasks == [2]
-    assert (crashed / "r_matrix.csv").read_text() == (tmp_path / "straight" / "r_matrix.csv").read_text()
+    straight, crashed = crash_and_resume(tmp_path, monkeypatch, [*TINY_RUN, "method=epi", "method.refresh_every=2", "method.ratio=0.05"])
     history = "method_files/mask_history.json"
-    assert (crashed / history).read_text() == (tmp_path / "straight" / history).read_text()
+    assert (crashed / history).read_text() == (straight / history).read_text()
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import TINY_RUN, compose_config
+from helpers import TINY_RUN, compose_config, crash_and_resume
 
 from clbench import runner
 from clbench.data.encoding import EncodingPolicy, collate_for_training, encode_for_training
@@ -208,28 +208,8 @@ def test_tiny_run_finishes(tmp_path):
 @pytest.mark.parametrize("variant", ["paper", "authors_code"])
 def test_resume_after_crash_gives_same_r_matrix(tmp_path, monkeypatch, variant):
     overrides = [*TINY_RUN, "method=ewc", f"method.variant={variant}", "method.lambda_ewc=50"]
-    runner.run_experiment(compose_config(overrides, tmp_path / "straight"))
-
-    original = runner._learn_and_evaluate
-
-    def crash_on_third(plan, model, tokenizer, t, progress, logger):
-        if t == 2:
-            raise KeyboardInterrupt("simulated kill")
-        original(plan, model, tokenizer, t, progress, logger)
-
-    monkeypatch.setattr(runner, "_learn_and_evaluate", crash_on_third)
-    crashed = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(compose_config(overrides, crashed))
-    assert len(json.loads((crashed / "checkpoint" / "progress.json").read_text())["r_rows"]) == 2
-    monkeypatch.setattr(runner, "_learn_and_evaluate", original)
-
-    resumed_tasks = []
-    monkeypatch.setattr(runner, "_learn_and_evaluate", lambda p, m, tok, t, pr, lg: (resumed_tasks.append(t), original(p, m, tok, t, pr, lg)))
-    runner.run_experiment(compose_config(overrides, crashed))
-    assert resumed_tasks == [2]
-    assert (crashed / "r_matrix.csv").read_text() == (tmp_path / "straight" / "r_matrix.csv").read_text()
-    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())["task_info"]
+    straight_dir, crashed = crash_and_resume(tmp_path, monkeypatch, overrides)
+    straight = json.loads((straight_dir / "metrics.json").read_text())["task_info"]
     resumed = json.loads((crashed / "metrics.json").read_text())["task_info"]
     assert resumed[2]["final_loss"] == straight[2]["final_loss"]  # same penalty after the restore
 

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_RUN, compose_config
+from helpers import TINY_RUN, compose_config, crash_and_resume
 from omegaconf import OmegaConf
 
 from clbench import runner
@@ -216,7 +216,7 @@ def test_memory_is_a_seeded_uniform_sample_of_the_task(tiny_model_and_tokenizer)
 # ---------------------------------------------------------------- end to end
 
 
-def test_gem_run_finishes_and_projects(tmp_path):
+def test_gem_run_finishes(tmp_path):
     cfg = compose_config([*TINY_RUN, "method=gem", "method.memory_per_task=8"], tmp_path)
     runner.run_experiment(cfg)
     info = json.loads((tmp_path / "metrics.json").read_text())["task_info"]
@@ -227,31 +227,11 @@ def test_gem_run_finishes_and_projects(tmp_path):
 
 def test_resume_after_crash_gives_same_r_matrix(tmp_path, monkeypatch):
     overrides = [*TINY_RUN, "method=gem", "method.memory_per_task=8", "trainer.keep_checkpoint=true"]
-    runner.run_experiment(compose_config(overrides, tmp_path / "straight"))
-
-    original = runner._learn_and_evaluate
-
-    def crash_on_third(plan, model, tokenizer, t, progress, logger):
-        if t == 2:
-            raise KeyboardInterrupt("simulated kill")
-        original(plan, model, tokenizer, t, progress, logger)
-
-    monkeypatch.setattr(runner, "_learn_and_evaluate", crash_on_third)
-    crashed = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(compose_config(overrides, crashed))
-    assert len(json.loads((crashed / "checkpoint" / "progress.json").read_text())["r_rows"]) == 2
-    monkeypatch.setattr(runner, "_learn_and_evaluate", original)
-
-    resumed_tasks = []
-    monkeypatch.setattr(runner, "_learn_and_evaluate", lambda p, m, tok, t, pr, lg: (resumed_tasks.append(t), original(p, m, tok, t, pr, lg)))
-    runner.run_experiment(compose_config(overrides, crashed))
-    assert resumed_tasks == [2]
-    assert (crashed / "r_matrix.csv").read_text() == (tmp_path / "straight" / "r_matrix.csv").read_text()
+    straight, crashed = crash_and_resume(tmp_path, monkeypatch, overrides)
     state = lambda d: torch.load(d / "checkpoint" / "state.pt", weights_only=False)["method"]  # noqa: E731
-    assert state(crashed) == state(tmp_path / "straight")
+    assert state(crashed) == state(straight)
     weights = lambda d: torch.load(d / "checkpoint" / "model.pt")  # noqa: E731
-    assert all(torch.equal(a, b) for a, b in zip(weights(crashed).values(), weights(tmp_path / "straight").values()))
+    assert all(torch.equal(a, b) for a, b in zip(weights(crashed).values(), weights(straight).values()))
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import TINY_RUN, compose_config
+from helpers import TINY_RUN, compose_config, crash_and_resume
 from omegaconf import OmegaConf
 
 from clbench import runner, training
@@ -110,28 +110,7 @@ def test_not_cumulative_trains_only_at_the_last_task(tmp_path, monkeypatch):
 
 
 def test_resume_after_crash_gives_same_r_matrix(tmp_path, monkeypatch):
-    overrides = [*TINY_RUN, "method=joint"]
-    runner.run_experiment(compose_config(overrides, tmp_path / "straight"))
-
-    original = runner._learn_and_evaluate
-
-    def crash_on_third(plan, model, tokenizer, t, progress, logger):
-        if t == 2:
-            raise KeyboardInterrupt("simulated kill")
-        original(plan, model, tokenizer, t, progress, logger)
-
-    monkeypatch.setattr(runner, "_learn_and_evaluate", crash_on_third)
-    crashed = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(compose_config(overrides, crashed))
-    assert len(json.loads((crashed / "checkpoint" / "progress.json").read_text())["r_rows"]) == 2
-    monkeypatch.setattr(runner, "_learn_and_evaluate", original)
-
-    resumed_tasks = []
-    monkeypatch.setattr(runner, "_learn_and_evaluate", lambda p, m, tok, t, pr, lg: (resumed_tasks.append(t), original(p, m, tok, t, pr, lg)))
-    runner.run_experiment(compose_config(overrides, crashed))
-    assert resumed_tasks == [2]
-    assert (crashed / "r_matrix.csv").read_text() == (tmp_path / "straight" / "r_matrix.csv").read_text()
+    crash_and_resume(tmp_path, monkeypatch, [*TINY_RUN, "method=joint"])
 
 
 @pytest.mark.parametrize("override", ["method.cumulative=yes", "method.from_base=1", "method.from_base=null"])

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from helpers import TINY_RUN, compose_config
+from helpers import TINY_RUN, compose_config, crash_and_resume
 from torch import nn
 
 from clbench import runner
@@ -195,25 +195,7 @@ def test_end_to_end_runs(tmp_path):
 
 
 def test_resume_after_crash_gives_same_r_matrix(tmp_path, monkeypatch):
-    overrides = [*TINY_RUN, "method=migu", "method.ratio=0.2", "trainer.lr=1e-2"]
-    runner.run_experiment(compose_config(overrides, tmp_path / "straight"))
-    original = runner._learn_and_evaluate
-
-    def crash_on_third(plan, model, tokenizer, t, progress, logger):
-        if t == 2:
-            raise KeyboardInterrupt("simulated kill")
-        original(plan, model, tokenizer, t, progress, logger)
-
-    monkeypatch.setattr(runner, "_learn_and_evaluate", crash_on_third)
-    crashed = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(compose_config(overrides, crashed))
-    monkeypatch.setattr(runner, "_learn_and_evaluate", original)
-    resumed_tasks = []
-    monkeypatch.setattr(runner, "_learn_and_evaluate", lambda p, m, tok, t, pr, lg: (resumed_tasks.append(t), original(p, m, tok, t, pr, lg)))
-    runner.run_experiment(compose_config(overrides, crashed))
-    assert resumed_tasks == [2]
-    assert (crashed / "r_matrix.csv").read_text() == (tmp_path / "straight" / "r_matrix.csv").read_text()
+    crash_and_resume(tmp_path, monkeypatch, [*TINY_RUN, "method=migu", "method.ratio=0.2", "trainer.lr=1e-2"])
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import TINY_RUN, compose_config
+from helpers import TINY_RUN, compose_config, crash_and_resume
 
 from clbench import runner
 from clbench.data.encoding import EncodingPolicy
@@ -182,36 +182,18 @@ def test_end_to_end_run_finishes(tmp_path):
 
 
 def test_resume_after_crash_gives_same_r_matrix(tmp_path, monkeypatch):
+    def check_saved_state(crashed):
+        saved = torch.load(crashed / "checkpoint" / "state.pt", weights_only=False)["method"]
+        assert saved["tasks_folded"] == 2 and all(len(a) == 2 for a in saved["past_a"].values())
+
     overrides = [*TINY_RUN, "method=olora", "trainer.keep_checkpoint=true"]
-    runner.run_experiment(compose_config(overrides, tmp_path / "straight"))
-
-    original = runner._learn_and_evaluate
-
-    def crash_on_third(plan, model, tokenizer, t, progress, logger):
-        if t == 2:
-            raise KeyboardInterrupt("simulated kill")
-        original(plan, model, tokenizer, t, progress, logger)
-
-    monkeypatch.setattr(runner, "_learn_and_evaluate", crash_on_third)
-    crashed = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(compose_config(overrides, crashed))
-    assert len(json.loads((crashed / "checkpoint" / "progress.json").read_text())["r_rows"]) == 2
-    saved = torch.load(crashed / "checkpoint" / "state.pt", weights_only=False)["method"]
-    assert saved["tasks_folded"] == 2 and all(len(a) == 2 for a in saved["past_a"].values())
-    monkeypatch.setattr(runner, "_learn_and_evaluate", original)
-
-    resumed_tasks = []
-    monkeypatch.setattr(runner, "_learn_and_evaluate", lambda p, m, tok, t, pr, lg: (resumed_tasks.append(t), original(p, m, tok, t, pr, lg)))
-    runner.run_experiment(compose_config(overrides, crashed))
-    assert resumed_tasks == [2]
-    assert (crashed / "r_matrix.csv").read_text() == (tmp_path / "straight" / "r_matrix.csv").read_text()
+    straight_dir, crashed = crash_and_resume(tmp_path, monkeypatch, overrides, after_crash=check_saved_state)
     # The scores of a tiny random model are coarse: the folded weights and the past A's must match exactly too.
-    straight = torch.load(tmp_path / "straight" / "checkpoint" / "model.pt")
+    straight = torch.load(straight_dir / "checkpoint" / "model.pt")
     resumed = torch.load(crashed / "checkpoint" / "model.pt")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    past = [torch.load(d / "checkpoint" / "state.pt", weights_only=False)["method"]["past_a"] for d in (tmp_path / "straight", crashed)]
+    past = [torch.load(d / "checkpoint" / "state.pt", weights_only=False)["method"]["past_a"] for d in (straight_dir, crashed)]
     assert past[0].keys() == past[1].keys()
     assert all(torch.equal(x, y) for k in past[0] for x, y in zip(past[0][k], past[1][k], strict=True))
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import TINY_RUN, compose_config
+from helpers import TINY_RUN, compose_config, crash_and_resume
 
 from clbench import runner
 from clbench.errors import ConfigError
@@ -78,30 +78,14 @@ def test_mixed_samples_come_from_the_shared_buffer(tmp_path, monkeypatch):
 def test_resume_after_crash_gives_same_r_matrix_and_buffer(tmp_path, monkeypatch):
     overrides = [*TINY_RUN, "method=replay_online", "method.ratio=0.25", "trainer.keep_checkpoint=true"]
     seen = record_training_sets(monkeypatch)
-    runner.run_experiment(compose_config(overrides, tmp_path / "straight"))
-    straight_last = seen[-1]
-
-    original = runner._learn_and_evaluate
-
-    def crash_on_third(plan, model, tokenizer, t, progress, logger):
-        if t == 2:
-            raise KeyboardInterrupt("simulated kill")
-        original(plan, model, tokenizer, t, progress, logger)
-
-    monkeypatch.setattr(runner, "_learn_and_evaluate", crash_on_third)
-    crashed = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(compose_config(overrides, crashed))
-    assert len(json.loads((crashed / "checkpoint" / "progress.json").read_text())["r_rows"]) == 2
-    monkeypatch.setattr(runner, "_learn_and_evaluate", original)
-
-    seen.clear()
-    runner.run_experiment(compose_config(overrides, crashed))
+    straight_last = []
+    straight, crashed = crash_and_resume(
+        tmp_path, monkeypatch, overrides, after_straight=lambda _: straight_last.append(seen[-1]), after_crash=lambda _: seen.clear()
+    )
     assert [i for i, _ in seen] == [2]
-    assert seen[-1] == straight_last  # same mixed-in past samples after the resume
-    assert (crashed / "r_matrix.csv").read_text() == (tmp_path / "straight" / "r_matrix.csv").read_text()
+    assert seen[-1] == straight_last[0]  # same mixed-in past samples after the resume
     state = lambda d: torch.load(d / "checkpoint" / "state.pt", weights_only=False)["method"]  # noqa: E731
-    assert state(crashed) == state(tmp_path / "straight")
+    assert state(crashed) == state(straight)
 
 
 @pytest.mark.parametrize(

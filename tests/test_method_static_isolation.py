@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_RUN, compose_config
+from helpers import TINY_RUN, compose_config, crash_and_resume
 from omegaconf import OmegaConf
 
 from clbench import runner
@@ -124,25 +124,11 @@ def test_probe_starts_from_theta0_or_the_current_model(tiny_model_and_tokenizer,
 
 
 def test_static_isolation_resume_after_crash_gives_same_r_matrix(tmp_path, monkeypatch):
-    overrides = [*TINY_RUN, "method=static_isolation", "method.ratio=0.05"]
-    runner.run_experiment(compose_config(overrides, tmp_path / "straight"))
-    assert (tmp_path / "straight" / "DONE").exists()
-    original = runner._learn_and_evaluate
+    def check_saved_masks(crashed):
+        state = torch.load(crashed / "checkpoint" / "state.pt", weights_only=False)["method"]
+        assert state["protected"] and all(m.dtype == torch.bool for m in state["protected"].values())
 
-    def crash_on_third(plan, model, tokenizer, t, progress, logger):
-        if t == 2:
-            raise KeyboardInterrupt("simulated kill")
-        original(plan, model, tokenizer, t, progress, logger)
-
-    monkeypatch.setattr(runner, "_learn_and_evaluate", crash_on_third)
-    crashed = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(compose_config(overrides, crashed))
-    state = torch.load(crashed / "checkpoint" / "state.pt", weights_only=False)["method"]
-    assert state["protected"] and all(m.dtype == torch.bool for m in state["protected"].values())
-    monkeypatch.setattr(runner, "_learn_and_evaluate", original)
-    runner.run_experiment(compose_config(overrides, crashed))
-    assert (crashed / "r_matrix.csv").read_text() == (tmp_path / "straight" / "r_matrix.csv").read_text()
+    crash_and_resume(tmp_path, monkeypatch, [*TINY_RUN, "method=static_isolation", "method.ratio=0.05"], after_crash=check_saved_masks)
 
 
 @pytest.mark.parametrize(

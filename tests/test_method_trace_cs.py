@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_RUN, compose_config
+from helpers import TINY_RUN, compose_config, crash_and_resume
 from omegaconf import OmegaConf
 
 from clbench import runner
@@ -120,32 +120,20 @@ def test_first_task_probes_every_task_once_and_a_lost_file_is_recomputed_from_th
 
 
 def test_trace_cs_resume_reuses_delta_files_and_gives_same_r_matrix(tmp_path, monkeypatch):
+    files, stamps, calls = [], [], []
+
+    def check_deltas_and_count_probes(crashed):
+        files.extend(sorted((crashed / "method_files").glob("trace_delta_*.pt")))
+        assert len(files) == 3
+        state = torch.load(crashed / "checkpoint" / "state.pt", weights_only=False)["method"]
+        assert sorted(state["delta_files"]) == ["0", "1", "2"]
+        stamps.extend(f.stat().st_mtime_ns for f in files)
+        calls.append(count_probes(monkeypatch))
+
     overrides = [*TINY_RUN, "method=trace_cs", "method.ratio=0.2"]
-    runner.run_experiment(compose_config(overrides, tmp_path / "straight"))
-    assert (tmp_path / "straight" / "DONE").exists()
-    original = runner._learn_and_evaluate
-
-    def crash_on_third(plan, model, tokenizer, t, progress, logger):
-        if t == 2:
-            raise KeyboardInterrupt("simulated kill")
-        original(plan, model, tokenizer, t, progress, logger)
-
-    monkeypatch.setattr(runner, "_learn_and_evaluate", crash_on_third)
-    crashed = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(compose_config(overrides, crashed))
-    files = sorted((crashed / "method_files").glob("trace_delta_*.pt"))
-    assert len(files) == 3
-    state = torch.load(crashed / "checkpoint" / "state.pt", weights_only=False)["method"]
-    assert sorted(state["delta_files"]) == ["0", "1", "2"]
-    stamps = [f.stat().st_mtime_ns for f in files]
-    monkeypatch.setattr(runner, "_learn_and_evaluate", original)
-
-    calls = count_probes(monkeypatch)
-    runner.run_experiment(compose_config(overrides, crashed))
-    assert calls == []  # the deltas on disk were reused, not recomputed
+    _, crashed = crash_and_resume(tmp_path, monkeypatch, overrides, after_crash=check_deltas_and_count_probes)
+    assert calls == [[]]  # the deltas on disk were reused, not recomputed
     assert [f.stat().st_mtime_ns for f in files] == stamps
-    assert (crashed / "r_matrix.csv").read_text() == (tmp_path / "straight" / "r_matrix.csv").read_text()
     info = json.loads((crashed / "metrics.json").read_text())["task_info"]
     assert all(t["core_tensors"] for t in info)
 

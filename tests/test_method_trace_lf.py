@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_RUN, compose_config
+from helpers import TINY_RUN, compose_config, crash_and_resume
 from omegaconf import OmegaConf
 
 from clbench import runner
@@ -160,22 +160,8 @@ def test_trace_lf_end_to_end(tmp_path):
 
 def test_trace_lf_resume_after_crash_gives_same_r_matrix(tmp_path, monkeypatch):
     overrides = [*TINY_RUN, "method=trace_lf", "method.fisher_samples=8", "method.ratio=0.2"]
-    runner.run_experiment(compose_config(overrides, tmp_path / "straight"))
-    original = runner._learn_and_evaluate
-
-    def crash_on_third(plan, model, tokenizer, t, progress, logger):
-        if t == 2:
-            raise KeyboardInterrupt("simulated kill")
-        original(plan, model, tokenizer, t, progress, logger)
-
-    monkeypatch.setattr(runner, "_learn_and_evaluate", crash_on_third)
-    crashed = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(compose_config(overrides, crashed))
-    monkeypatch.setattr(runner, "_learn_and_evaluate", original)
-    runner.run_experiment(compose_config(overrides, crashed))
-    assert (crashed / "r_matrix.csv").read_text() == (tmp_path / "straight" / "r_matrix.csv").read_text()
-    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())["task_info"]
+    straight_dir, crashed = crash_and_resume(tmp_path, monkeypatch, overrides)
+    straight = json.loads((straight_dir / "metrics.json").read_text())["task_info"]
     resumed = json.loads((crashed / "metrics.json").read_text())["task_info"]
     assert [t["core_tensors"] for t in resumed] == [t["core_tensors"] for t in straight]
 

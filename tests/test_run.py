@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import SHARED, TINY_RUN, compose_config
+from helpers import SHARED, TINY_RUN, compose_config, crash_and_resume
 
 from clbench import runner
 from clbench.errors import ConfigError, DataError
@@ -49,29 +49,7 @@ def test_full_matrix_gives_forward_transfer(tmp_path):
 
 
 def test_resume_after_crash_gives_same_r_matrix(tmp_path, monkeypatch):
-    overrides = [*TINY_RUN, "method=piece_f"]
-    runner.run_experiment(compose_config(overrides, tmp_path / "straight"))
-
-    original = runner._learn_and_evaluate
-
-    def crash_on_third(plan, model, tokenizer, t, progress, logger):
-        if t == 2:
-            raise KeyboardInterrupt("simulated kill")
-        original(plan, model, tokenizer, t, progress, logger)
-
-    monkeypatch.setattr(runner, "_learn_and_evaluate", crash_on_third)
-    crashed = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(compose_config(overrides, crashed))
-    assert not (crashed / "DONE").exists()
-    assert json.loads((crashed / "checkpoint" / "progress.json").read_text())["r_rows"].__len__() == 2
-    monkeypatch.setattr(runner, "_learn_and_evaluate", original)
-
-    resumed_tasks = []
-    monkeypatch.setattr(runner, "_learn_and_evaluate", lambda p, m, tok, t, pr, lg: (resumed_tasks.append(t), original(p, m, tok, t, pr, lg)))
-    runner.run_experiment(compose_config(overrides, crashed))
-    assert resumed_tasks == [2]  # only the unfinished task ran again
-    assert (crashed / "r_matrix.csv").read_text() == (tmp_path / "straight" / "r_matrix.csv").read_text()
+    crash_and_resume(tmp_path, monkeypatch, [*TINY_RUN, "method=piece_f"])
 
 
 def test_changed_config_refuses_existing_run_dir(tmp_path):
